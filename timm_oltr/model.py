@@ -189,6 +189,20 @@ class OLTRModel(nn.Module):
                 self._warned_uninitialized = True
         return self.head(features)
 
+    # Hugging Face Hub (implemented in timm_oltr.hub)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> str:
+        """Write model.safetensors, config.json and a README.md model card; see `timm_oltr.hub.save_pretrained`."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Save and upload to the Hugging Face Hub; see `timm_oltr.hub.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     # timm model protocol
 
     def get_classifier(self) -> nn.Module:
