@@ -126,6 +126,7 @@ class OLTRModel(nn.Module):
         }
         self.default_cfg = self.pretrained_cfg
         self._warned_uninitialized = False
+        self.train(backbone.training)
 
     @staticmethod
     def _check_grid(config: OLTRConfig, layout: FeatureLayout, input_size: tuple[int, ...]) -> OLTRConfig:
