@@ -147,11 +147,19 @@ class OLTRModel(nn.Module):
         if not torch.is_tensor(x) or x.ndim != 4:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f'x must be a (B, C, H, W) image batch, got {shape}.')
-        feats = self.backbone.forward_features(x)
+        return self.forward_attention(self.backbone.forward_features(x), img_size=tuple(x.shape[-2:]))
+
+    def forward_attention(self, feats: torch.Tensor, img_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Apply the modulated attention to a `backbone.forward_features` output, keeping its layout.
+
+        Args:
+            feats: the backbone's feature output (NCHW, NHWC or tokens).
+            img_size: (H, W) of the input images; needed only for token models fed another size than the one
+                they were wrapped at.
+        """
         if self.attention is None:
             return feats
-
-        grid, prefix = to_grid(feats, self.layout, img_size=tuple(x.shape[-2:]))
+        grid, prefix = to_grid(feats, self.layout, img_size=img_size)
         residual = self.attention.residual(grid)
         # NOTE: prefix tokens (cls, dist, reg) take the residual's spatial mean, so token-pooled models see the
         # attention too; the residual is zero at init with out_init='zero', so the model starts as the backbone.
@@ -169,6 +177,10 @@ class OLTRModel(nn.Module):
     def forward_oltr(self, x: torch.Tensor) -> OLTROutput:
         """(B, 3, H, W) images -> OLTROutput (logits, features, reachability, min_distance, memory, meta)."""
         return self._head(self.forward_head(self.forward_features(x), pre_logits=True))
+
+    def forward_oltr_from_backbone(self, feats: torch.Tensor, img_size: tuple[int, int] | None = None) -> OLTROutput:
+        """OLTROutput from a cached `backbone.forward_features` output (training a frozen backbone's top)."""
+        return self._head(self.forward_head(self.forward_attention(feats, img_size), pre_logits=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, K) logits."""
