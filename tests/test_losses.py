@@ -1,11 +1,13 @@
 """Discriminative centroid loss and OLTR loss: values and gradients against naive float64 loops."""
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_oltr.losses import DiscriminativeCentroidLoss, OLTRLoss
+from timm_oltr.model import wrap
 
 
 def naive_official(features, centroids, weights, margin=10.0, repel_weight=0.01):
@@ -150,6 +152,25 @@ def test_case_c13_official_rule_centroid_grad_ignores_loss_weight(weight):
     torch.testing.assert_close(f.grad, weight * (features - centroids[labels]) / 4)
 
 
+def test_official_rule_passes_other_upstream_factors_through():
+    # e.g. a GradScaler's scale S: the centroid gradient is S * g, which unscale_ turns back into g
+    features, centroids, labels = make_batch(seed=4)
+    expected = official_centroid_grad_by_hand(features, centroids, labels).float()
+    c = centroids.clone().requires_grad_()
+    scale, weight = 1024.0, 0.01
+    (scale * weight * DiscriminativeCentroidLoss(margin=0.0)(features, c, labels, loss_weight=weight)).backward()
+    torch.testing.assert_close(c.grad / scale, expected)
+
+
+@pytest.mark.parametrize('form', ['official', 'paper'])
+def test_loss_runs_in_float32_under_autocast(form):
+    features, centroids, labels = make_batch(seed=12, scale=10.0)
+    loss_fn = DiscriminativeCentroidLoss(form=form, margin=1e4)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        autocast_loss = loss_fn(features, centroids, labels)
+    torch.testing.assert_close(autocast_loss, loss_fn(features, centroids, labels), rtol=1e-6, atol=0)
+
+
 def test_official_rule_value_equals_autograd_rule_value():
     features, centroids, labels = make_batch(seed=7)
     official = DiscriminativeCentroidLoss(margin=1e3)(features, centroids.requires_grad_(), labels)
@@ -270,3 +291,71 @@ def test_empty_batch_gives_zero_and_grads():
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(c.grad, torch.zeros_like(c))
+
+
+def make_oltr_model(num_classes=3):
+    torch.manual_seed(0)
+    model = wrap(timm.create_model('test_resnet'), num_classes=num_classes, img_size=32, neck_dim=6)
+    model.head.set_centroids(torch.randn(num_classes, 6), torch.full((num_classes,), 4))
+    return model
+
+
+class Holder(torch.nn.Module):
+    """Stands in for DistributedDataParallel: holds the model as `.module`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+
+@pytest.mark.parametrize('soft', [False, True])
+def test_oltr_loss_is_ce_plus_weighted_centroid_loss(soft):
+    model = make_oltr_model().train()
+    labels = torch.tensor([0, 2, 1, 2])
+    targets = soft_targets(labels, 3).float() if soft else labels
+    out = model.forward_oltr(torch.randn(4, 3, 32, 32))
+    parts = OLTRLoss(centroid_weight=0.3).breakdown(out, targets, Holder(model))
+
+    logits = out.logits.detach().double()
+    log_probs = [[logits[i, j] - torch.logsumexp(logits[i], 0) for j in range(3)] for i in range(4)]
+    weights = targets.tolist() if soft else one_hot_rows(labels, 3)
+    ce = -sum(weights[i][j] * log_probs[i][j] for i in range(4) for j in range(3)) / 4
+    centroid, attract, _ = naive_official(
+        out.features.detach().double(), model.head.centroids.detach().double(), weights
+    )
+
+    torch.testing.assert_close(parts.ce.double(), ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.centroid.double(), centroid, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.attract.double(), attract, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.loss.double(), ce + 0.3 * centroid, rtol=1e-5, atol=1e-6)
+    assert parts.loss.requires_grad and not parts.ce.requires_grad
+    parts.loss.backward()
+    assert model.head.centroids.grad is not None and model.head.hallucinator.weight.grad is not None
+
+
+def test_oltr_loss_label_smoothing_on_ce_only():
+    model = make_oltr_model().train()
+    labels = torch.tensor([0, 2, 1, 2])
+    out = model.forward_oltr(torch.randn(4, 3, 32, 32))
+    plain = OLTRLoss().breakdown(out, labels, model)
+    smooth = OLTRLoss(label_smoothing=0.2).breakdown(out, labels, model)
+    # smoothing 0.2 over K = 3 is the soft target 0.8 * one_hot + 0.2 / 3
+    manual = OLTRLoss().breakdown(out, soft_targets_from(labels, 0.2), model)
+    torch.testing.assert_close(smooth.ce, manual.ce)
+    assert not torch.equal(smooth.ce, plain.ce)
+    torch.testing.assert_close(smooth.centroid, plain.centroid)
+
+
+def soft_targets_from(labels, smoothing):
+    return F.one_hot(labels, 3).float() * (1 - smoothing) + smoothing / 3
+
+
+def test_oltr_loss_rejects_non_oltr_models_and_bad_targets():
+    model = make_oltr_model().train()
+    out = model.forward_oltr(torch.randn(2, 3, 32, 32))
+    with pytest.raises(TypeError, match='OLTRModel'):
+        OLTRLoss()(out, torch.tensor([0, 1]), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r'labels \[3\] outside \[0, 3\)'):
+        OLTRLoss()(out, torch.tensor([0, 3]), model)
+    with pytest.raises(TypeError):
+        OLTRLoss(0.01)  # keyword-only (C15)

@@ -58,11 +58,14 @@ class CentroidDrift(NamedTuple):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, 'module', model)
-    head = getattr(model, 'head', None)
-    if head is None or not hasattr(head, 'set_centroids'):
+    """The OLTRModel inside DistributedDataParallel and similar wrappers (followed through ``.module``)."""
+    inner = model
+    while not hasattr(inner, 'head') and isinstance(getattr(inner, 'module', None), nn.Module):
+        inner = inner.module
+    head = getattr(inner, 'head', None)
+    if not (hasattr(head, 'centroids') and hasattr(head, 'set_centroids') and hasattr(inner, 'backbone')):
         raise TypeError(f'model must be an OLTRModel (from timm_oltr.wrap), got {type(model).__name__}.')
-    return model
+    return inner
 
 
 @contextmanager

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .centroids import _unwrap
 from .head import OLTROutput
 
 __all__ = ['CentroidLossBreakdown', 'DiscriminativeCentroidLoss', 'OLTRLoss', 'OLTRLossBreakdown']
@@ -270,12 +271,14 @@ class DiscriminativeCentroidLoss(nn.Module):
             zero = features.float().sum() * 0 + centroids.float().sum() * 0
             return CentroidLossBreakdown(zero, zero.detach(), zero.detach(), zero.detach())
 
-        features = features.float()
-        centroids = centroids.float()
-        weights = _target_weights(targets, K)  # (B, K)
-        if self.form == 'official':
-            return self._official(features, centroids, weights, loss_weight)
-        return self._paper(features, centroids, weights)
+        # float32 throughout: autocast would run the distance matmul in half precision
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.float()
+            centroids = centroids.float()
+            weights = _target_weights(targets, K)  # (B, K)
+            if self.form == 'official':
+                return self._official(features, centroids, weights, loss_weight)
+            return self._paper(features, centroids, weights)
 
     def _official(
         self, features: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor, loss_weight: float
@@ -335,6 +338,11 @@ class OLTRLoss(nn.Module):
     ``forward`` returns the total loss (a drop-in criterion); ``breakdown`` returns it with its components for
     logging, so nothing is kept on the module between calls.
 
+    ``model`` may be wrapped (DistributedDataParallel, or any module holding it as ``.module``). Under DDP the
+    forward that produced ``out`` must run through the DDP wrapper, whose forward arms the gradient
+    all-reduce; calling ``ddp.module.forward_oltr(x)`` skips it and the ranks' weights and centroids drift
+    apart.
+
     Args:
         centroid_weight: weight of the centroid loss (official 0.01). With the official centroid rule this
             does not change the centroid step size, only the pull on the features.
@@ -382,10 +390,8 @@ class OLTRLoss(nn.Module):
 
     def breakdown(self, out: OLTROutput, targets: torch.Tensor, model: nn.Module) -> OLTRLossBreakdown:
         """Compute the total loss and its components. Arguments as in ``forward``."""
-        model = getattr(model, 'module', model)
-        head = getattr(model, 'head', None)
-        if head is None or not hasattr(head, 'centroids'):
-            raise TypeError(f'model must be an OLTRModel (from timm_oltr.wrap), got {type(model).__name__}.')
+        model = _unwrap(model)
+        head = model.head
         if model.training and not head.is_initialized:
             raise RuntimeError(
                 'The centroids of this model were never initialised; call '

@@ -17,16 +17,11 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
+from .centroids import _unwrap
+
 __all__ = ['freeze_backbone', 'param_groups']
 
 _logger = logging.getLogger(__name__)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, 'module', model)
-    if not all(hasattr(model, name) for name in ('backbone', 'head')) or not hasattr(model.head, 'centroids'):
-        raise TypeError(f'model must be an OLTRModel (from timm_oltr.wrap), got {type(model).__name__}.')
-    return model
 
 
 def _check_rate(name: str, value: float | None, *, allow_none: bool = True) -> None:
