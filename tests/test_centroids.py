@@ -245,3 +245,9 @@ def test_bad_arguments_raise():
         init_centroids(make_model(), [], progress=False)
     with pytest.raises(TypeError, match='OLTRModel'):
         init_centroids(timm.create_model('test_resnet'), [], progress=False)
+
+
+def test_case_c15_options_are_keyword_only():
+    images, labels = real_batch()
+    with pytest.raises(TypeError):
+        init_centroids(make_model(), loader_of(images, labels), None, None, 'exclude')

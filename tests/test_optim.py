@@ -162,3 +162,11 @@ def test_centroid_weight_decay_reaches_every_row():
     model.head.centroids.grad = torch.zeros_like(before)
     optimizer.step()
     torch.testing.assert_close(model.head.centroids.detach(), before * (1 - 0.01 * 0.5))
+
+
+def test_case_c15_options_are_keyword_only():
+    model = make_model()
+    with pytest.raises(TypeError):
+        param_groups(model, 0.1)
+    with pytest.raises(TypeError):
+        freeze_backbone(model, False)
