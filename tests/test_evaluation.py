@@ -9,8 +9,10 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
+import timm_oltr
 from timm_oltr.evaluation import OLTRReport, calibrate_threshold, compute_report, evaluate
 
 K = 5
@@ -235,8 +237,8 @@ def test_oltr_model_evaluate_and_calibrate():
     reach = evaluate(model, known_loader, open_loader=open_loader, score='reachability', threshold=0.0, progress=False)
     np.testing.assert_allclose(reach.scores, out.reachability.double().numpy(), rtol=1e-5)
 
-    threshold = calibrate_threshold(model, known_loader, method='tpr', target_tpr=0.5, progress=False)
-    assert model.config.open_set_threshold == threshold
+    score, threshold, _ = calibrate_threshold(model, known_loader, method='tpr', target_tpr=0.5, progress=False)
+    assert (model.config.open_set_score, model.config.open_set_threshold) == (score, threshold) == ('msp', threshold)
     assert np.mean(report.scores[report.labels >= 0] >= threshold) >= 0.5
 
 
@@ -356,3 +358,27 @@ def test_str_table_lists_every_figure():
     ):
         assert needle in text, needle
     assert isinstance(compute_report(logits, labels), OLTRReport)
+
+
+def test_calibrate_auto_picks_the_score_with_best_validation_auroc():
+    torch.manual_seed(0)
+    model = timm_oltr.wrap(timm.create_model('test_resnet', num_classes=K)).eval()
+    model.head.set_centroids(torch.randn(K, model.head_hidden_size), torch.full((K,), 5))
+    known_loader, open_loader, images, labels, unknown = _loaders(n_known=12, n_unknown=6)
+    with torch.no_grad():
+        out = model.forward_oltr(torch.cat([images, unknown]))
+    truth = np.r_[np.ones(len(images)), np.zeros(len(unknown))]
+    expected = {
+        'msp': roc_auc_score(truth, out.logits.softmax(1).max(1).values.numpy()),
+        'max_logit': roc_auc_score(truth, out.logits.max(1).values.numpy()),
+        'energy': roc_auc_score(truth, out.logits.logsumexp(1).numpy()),
+        'reachability': roc_auc_score(truth, out.reachability.numpy()),
+    }
+    score, threshold, aurocs = calibrate_threshold(
+        model, known_loader, open_loader=open_loader, score='auto', progress=False
+    )
+    assert aurocs == pytest.approx(expected, abs=1e-6)
+    assert score == max(expected, key=expected.get)
+    assert model.config.open_set_score == score and model.config.open_set_threshold == threshold
+    with pytest.raises(ValueError, match='needs open_loader'):
+        calibrate_threshold(model, known_loader, score='auto', progress=False)

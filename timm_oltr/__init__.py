@@ -25,6 +25,7 @@ from .data import fashion_mnist_lt as fashion_mnist_lt
 from .data import image_folder_splits as image_folder_splits
 from .data import long_tail_split as long_tail_split
 from .data import open_set_split as open_set_split
+from .evaluation import Calibration as Calibration
 from .evaluation import OLTRReport as OLTRReport
 from .evaluation import calibrate_threshold as calibrate_threshold
 from .evaluation import compute_report as compute_report
@@ -48,6 +49,7 @@ from .sampler import ClassAwareSampler as ClassAwareSampler
 __version__ = '0.1.0'
 
 __all__ = [
+    'Calibration',
     'CentroidDrift',
     'ClassAwareSampler',
     'ClassMeans',

@@ -117,6 +117,7 @@ def _feature_sums(
     autocast_dtype: torch.dtype | None,
     progress: bool,
     desc: str,
+    inputs: str = 'images',
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Streaming per-class float32 sums (K, E) and long counts (K,) of v_direct, all-reduced across ranks."""
     param = next(model.parameters())
@@ -135,7 +136,8 @@ def _feature_sums(
             if images.is_floating_point() and autocast_dtype is None:
                 images = images.to(param.dtype)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                features = model.forward_head(model.forward_features(images), pre_logits=True)  # (B, E)
+                feats = model.forward_features(images) if inputs == 'images' else model.forward_attention(images)
+                features = model.forward_head(feats, pre_logits=True)  # (B, E)
             if features.shape != (labels.shape[0], E):
                 raise ValueError(
                     f'the model produced features of shape {tuple(features.shape)} for {labels.shape[0]} labels; '
@@ -190,6 +192,7 @@ def init_centroids(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     missing: Literal['error', 'exclude'] = 'error',
+    inputs: Literal['images', 'backbone_features'] = 'images',
     progress: bool = True,
 ) -> torch.Tensor:
     """Set the model's centroids to the class means of v_direct (OLTR's memory initialisation, spec 6).
@@ -218,6 +221,8 @@ def init_centroids(
         device: where to run; default the model's device.
         autocast_dtype: run the model under autocast with this dtype (e.g. ``torch.bfloat16``); sums stay float32.
         missing: policy for classes without samples, see above.
+        inputs: what the loader yields: ``'images'``, or ``'backbone_features'``, outputs of
+            ``model.backbone.forward_features`` cached once (training only the top of a frozen backbone).
         progress: show a tqdm bar (rank 0 only under ``torch.distributed``).
 
     Returns:
@@ -231,9 +236,17 @@ def init_centroids(
     """
     if missing not in ('error', 'exclude'):
         raise ValueError(f"missing must be 'error' or 'exclude', got {missing!r}.")
+    if inputs not in ('images', 'backbone_features'):
+        raise ValueError(f"inputs must be 'images' or 'backbone_features', got {inputs!r}.")
     model = _unwrap(model)
     sums, counts = _feature_sums(
-        model, loader, device=device, autocast_dtype=autocast_dtype, progress=progress, desc='init centroids'
+        model,
+        loader,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+        desc='init centroids',
+        inputs=inputs,
     )
 
     empty = (counts == 0).nonzero().flatten().tolist()

@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -575,9 +575,54 @@ def evaluate(
         device = next(iter(module.parameters()), torch.empty(0)).device
     device = torch.device(device)
 
+    predictions, top5, scores, labels, num_classes = _collect(
+        module,
+        loader,
+        open_loader,
+        (score,),
+        is_oltr=is_oltr,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        split=split,
+        progress=progress,
+    )
+    if isinstance(train_counts, torch.Tensor):
+        train_counts = train_counts.cpu()
+    return _build_report(
+        predictions,
+        top5,
+        scores[score],
+        labels,
+        num_classes,
+        score=score,
+        threshold=threshold,
+        train_counts=train_counts,
+        split=split,
+        shot_rule=shot_rule,
+        many=many,
+        few=few,
+        f_definition=f_definition,
+    )
+
+
+@torch.no_grad()
+def _collect(
+    module: nn.Module,
+    loader: Iterable,
+    open_loader: Iterable | None,
+    kinds: tuple[str, ...],
+    *,
+    is_oltr: bool,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    split: str,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray], np.ndarray, int]:
+    """One pass in eval mode: predictions, top-5, open-set scores of each kind, labels (-1 unknown), K."""
     modes = {m: m.training for m in module.modules()}
     module.eval()
-    outputs: dict[str, list[np.ndarray]] = {'predictions': [], 'top5': [], 'scores': [], 'labels': []}
+    outputs: dict[str, list[np.ndarray]] = {'predictions': [], 'top5': [], 'labels': []}
+    scores: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}
     num_classes = None
     try:
         for data, known in ((loader, True), (open_loader, False)):
@@ -599,9 +644,8 @@ def evaluate(
                 x = logits.numpy().astype(np.float64)
                 outputs['predictions'].append(x.argmax(axis=1))
                 outputs['top5'].append(_topk_indices(x, 5) if K >= 5 else np.zeros((B, 0), dtype=np.int64))
-                outputs['scores'].append(
-                    open_set_scores(x, score, reachability=reachability, min_distance=min_distance)
-                )
+                for kind in kinds:
+                    scores[kind].append(open_set_scores(x, kind, reachability=reachability, min_distance=min_distance))
                 outputs['labels'].append(y)
     finally:
         for m, mode in modes.items():
@@ -609,22 +653,13 @@ def evaluate(
 
     if num_classes is None:
         raise ValueError('loader: yielded no batches; nothing to evaluate')
-    if isinstance(train_counts, torch.Tensor):
-        train_counts = train_counts.cpu()
-    return _build_report(
+    top5 = np.concatenate(outputs['top5']) if num_classes >= 5 else None
+    return (
         np.concatenate(outputs['predictions']),
-        np.concatenate(outputs['top5']) if num_classes >= 5 else None,
-        np.concatenate(outputs['scores']),
+        top5,
+        {kind: np.concatenate(values) for kind, values in scores.items()},
         np.concatenate(outputs['labels']),
         num_classes,
-        score=score,
-        threshold=threshold,
-        train_counts=train_counts,
-        split=split,
-        shot_rule=shot_rule,
-        many=many,
-        few=few,
-        f_definition=f_definition,
     )
 
 
@@ -653,6 +688,14 @@ def _forward(
     return logits.float().cpu(), reachability, min_distance
 
 
+class Calibration(NamedTuple):
+    """Open-set score kind and threshold chosen on validation data."""
+
+    score: str
+    threshold: float
+    aurocs: dict[str, float]
+
+
 def calibrate_threshold(
     model: nn.Module,
     loader: Iterable,
@@ -665,8 +708,8 @@ def calibrate_threshold(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
-) -> float:
-    """Choose the open-set threshold on validation data and store it in the OLTR model's config.
+) -> Calibration:
+    """Choose the open-set score and threshold on validation data and store them in the OLTR model's config.
 
     Runs :func:`evaluate` on the validation split and picks the threshold with
     :func:`timm_oltr.metrics.choose_threshold`: the best F-measure when ``open_loader`` gives
@@ -679,7 +722,9 @@ def calibrate_threshold(
         model: an OLTR model (or a plain timm classifier).
         loader: known validation samples.
         open_loader: unknown validation samples, optional.
-        score: score kind; default the config's (``'msp'`` for a plain model).
+        score: score kind; default the config's (``'msp'`` for a plain model). ``'auto'`` picks, among the
+            scores the model supports, the one with the best AUROC on the validation data (needs
+            ``open_loader``); for OLTR models that is often ``'reachability'``.
         method: ``'auto'``, ``'tpr'`` or ``'f_measure'``; see
             :func:`timm_oltr.metrics.choose_threshold`.
         target_tpr: fraction of known samples to keep accepted for ``'tpr'``.
@@ -689,27 +734,41 @@ def calibrate_threshold(
         progress: show a progress bar.
 
     Returns:
-        The chosen threshold.
+        ``Calibration(score, threshold, aurocs)``: the score kind, the threshold, and the validation AUROC of
+        each score kind compared (only with ``score='auto'``).
     """
     module = getattr(model, 'module', model)
     is_oltr = callable(getattr(module, 'forward_oltr', None))
-    score = _model_defaults(module, is_oltr)[0] if score is None else score
-    report = evaluate(
-        model,
+    available = (*_LOGIT_SCORES, 'reachability') if is_oltr else _LOGIT_SCORES
+    if score is None:
+        score = _model_defaults(module, is_oltr)[0]
+    elif score != 'auto':
+        _check_choice('score', score, available)
+    if device is None:
+        device = next(iter(module.parameters()), torch.empty(0)).device
+    kinds = available if score == 'auto' else (score,)
+    predictions, _, scores, labels, _ = _collect(
+        module,
         loader,
-        open_loader=open_loader,
-        split='val',
-        device=device,
+        open_loader,
+        kinds,
+        is_oltr=is_oltr,
+        device=torch.device(device),
         autocast_dtype=autocast_dtype,
-        threshold=0.0,  # the metrics at this threshold are not used; only the raw arrays are
-        score=score,
-        f_definition=f_definition,
+        split='val',
         progress=progress,
     )
+    aurocs = {}
+    if score == 'auto':
+        if not (labels < 0).any():
+            raise ValueError("score='auto' picks the score by validation AUROC and needs open_loader (unknowns).")
+        aurocs = {kind: auroc(scores[kind], labels) or 0.0 for kind in kinds}
+        score = max(aurocs, key=aurocs.get)
+        _logger.info('open-set score %r chosen by validation AUROC: %s', score, _fmt_aurocs(aurocs))
     threshold = choose_threshold(
-        report.scores,
-        report.labels,
-        report.predictions,
+        scores[score],
+        labels,
+        predictions,
         method=method,
         target_tpr=target_tpr,
         definition=f_definition,
@@ -719,4 +778,8 @@ def calibrate_threshold(
     if config is not None:
         module.config = config.replace(open_set_score=score, open_set_threshold=threshold)
         _logger.info('open-set threshold set to %.6g on %r scores', threshold, score)
-    return threshold
+    return Calibration(score, threshold, aurocs)
+
+
+def _fmt_aurocs(aurocs: Mapping[str, float]) -> str:
+    return ', '.join(f'{kind} {value:.4f}' for kind, value in aurocs.items())
