@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import math
@@ -179,7 +180,7 @@ def default_output(args: argparse.Namespace) -> str:
 def check_args(args: argparse.Namespace) -> None:
     """Catch bad arguments before any work, with one line saying what to do."""
     if not timm.is_model(args.model):
-        close = timm.list_models(f'*{args.model.split("_")[0]}*')[:5]
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=5)
         raise ValueError(f'unknown timm model {args.model!r}; similar names: {close or "none"}.')
     if args.data_dir and args.train_list:
         raise ValueError('give either --data-dir or --train-list, not both.')
@@ -200,6 +201,22 @@ def check_args(args: argparse.Namespace) -> None:
     args.data_source = 'folder' if args.data_dir else 'lists' if args.train_list else 'fashion-mnist'
     if args.img_size is None and args.data_source == 'fashion-mnist':
         args.img_size = 96  # the 28 px photos upsampled: enough for an ImageNet backbone, fast on a CPU
+
+
+@torch.no_grad()
+def check_input_size(model: nn.Module, img_size: int | None) -> None:
+    """Fail before any training if the model cannot take images of --img-size."""
+    if img_size is None:
+        return
+    in_chans = model.pretrained_cfg.get('input_size', (3,))[0]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, in_chans, img_size, img_size))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise ValueError(f'{type(model).__name__} cannot take --img-size {img_size}: {e}') from None
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -645,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # stage 1: the plain timm model
     model = pretrained_backbone(args.model, pretrained=args.pretrained, pretrained_file=args.pretrained_file)
+    check_input_size(model, args.img_size)
     data = build_data(args, model)
     _logger.info('data: %s', json.dumps(data.to_dict()['sizes']))
     _logger.info('train counts per class: %s', data.train_counts.tolist())

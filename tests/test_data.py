@@ -221,6 +221,13 @@ def test_fashion_mnist_lt_missing_files_says_how_to_get_them(tmp_path, monkeypat
     assert 'download=True' in str(info.value)
 
 
+def test_fashion_mnist_lt_explicit_root_is_not_replaced_by_another_copy(tmp_path, monkeypatch):
+    write_fake_fashion_mnist(tmp_path / 'elsewhere')  # files that a fallback could silently pick up
+    monkeypatch.setattr(oltr_data, '_FASHION_MNIST_DEBIAN_DIR', str(tmp_path / 'elsewhere'))
+    with pytest.raises(FileNotFoundError, match='typo'):
+        fashion_mnist_lt(tmp_path / 'typo')
+
+
 @pytest.fixture(scope='module')
 def real_fashion_mnist():
     try:

@@ -559,10 +559,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def _find_fashion_mnist(root: str | os.PathLike | None) -> dict[str, Path]:
-    candidates = []
+    # NOTE: an explicit root is the only place looked at; silently reading other files would hide a typo
     if root is not None:
-        candidates += [Path(root), Path(root) / 'FashionMNIST' / 'raw']
-    candidates.append(Path(_FASHION_MNIST_DEBIAN_DIR))
+        candidates = [Path(root), Path(root) / 'FashionMNIST' / 'raw']
+    else:
+        candidates = [Path(_FASHION_MNIST_DEBIAN_DIR)]
 
     for folder in candidates:
         found = {}
@@ -639,8 +640,8 @@ def fashion_mnist_lt(
     inclusive (>=100 / <=20) rule, since no count sits on a boundary. Which class gets which count depends on
     `seed`; the counts hash records it. `max_per_class` is the size knob: runtime scales with it.
 
-    Files are looked up in `root`, then ``root/FashionMNIST/raw`` (torchvision's layout), then the Debian
-    package's ``/usr/share/datasets/fashion-mnist``; each of the four IDX files may be gzipped.
+    Files are looked up in `root`, then ``root/FashionMNIST/raw`` (torchvision's layout); without a root, in
+    the Debian package's ``/usr/share/datasets/fashion-mnist``. Each of the four IDX files may be gzipped.
 
     Args:
         root: folder with the IDX files, or None to use the Debian path.
