@@ -1,6 +1,5 @@
 import gzip
 import math
-import os
 import struct
 
 import numpy as np
@@ -229,13 +228,7 @@ def test_fashion_mnist_lt_explicit_root_is_not_replaced_by_another_copy(tmp_path
 
 
 @pytest.fixture(scope='module')
-def real_fashion_mnist():
-    try:
-        oltr_data._find_fashion_mnist(None)
-    except FileNotFoundError as e:
-        if os.environ.get('TIMM_OLTR_REQUIRE_DATA') == '1':
-            pytest.fail(f'TIMM_OLTR_REQUIRE_DATA=1 but Fashion-MNIST is missing: {e}')
-        pytest.skip(f'Fashion-MNIST not installed: {e}')
+def real_fashion_mnist(fashion_mnist_files):
     return fashion_mnist_lt()
 
 

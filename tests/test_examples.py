@@ -22,14 +22,9 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fashion_mnist():
-    try:
-        oltr_data._find_fashion_mnist(None)
-    except FileNotFoundError as e:
-        if os.environ.get('TIMM_OLTR_REQUIRE_DATA') == '1':
-            pytest.fail(f'TIMM_OLTR_REQUIRE_DATA=1 but Fashion-MNIST is missing: {e}')
-        pytest.skip(f'Fashion-MNIST not installed: {e}')
+@pytest.fixture(autouse=True)
+def _needs_data(fashion_mnist_files):
+    pass
 
 
 def _script(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -39,7 +34,7 @@ def _script(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope='module')
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, fashion_mnist_files):
     output = tmp_path_factory.mktemp('runs') / 'tiny'
     result = _script('finetune.py', *TINY, '--epochs', '1', '2', '--max-steps', '3', '--output', str(output))
     assert result.returncode == 0, result.stderr[-3000:]
