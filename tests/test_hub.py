@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx2
 import huggingface_hub
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
@@ -468,7 +469,7 @@ def fake_hub(monkeypatch):
 
 def test_push_uploads_exactly_the_checkpoint(saved, fake_hub):
     model, _ = saved
-    report = {'split': 'test', 'top1': 0.5, 'shot_groups': {'many': {'accuracy': 0.75}}, 'auroc': 0.8}
+    report = _report(top1=0.5, many=0.75, auroc=0.8)
     url = push_to_hub(model, 'someone/oltr-test', private=True, token='hf_fake', report=report)
 
     assert url.endswith('/someone/oltr-test/commit/' + f'{1:040x}')
@@ -484,7 +485,7 @@ def test_push_uploads_exactly_the_checkpoint(saved, fake_hub):
     assert json.loads(commit['files']['config.json'])['oltr']['config'] == model.config.to_dict()
     card = commit['files']['README.md'].decode()
     assert "from_pretrained('hf-hub:someone/oltr-test')" in card
-    assert '| OLTR | 50.0 | 75.0 | - | - | 80.0 |' in card
+    assert '| OLTR | 50.0 | 75.0 | - | - | 80.0 |' in card  # absent columns are left out
     weights = safetensors.torch.load(commit['files']['model.safetensors'])
     assert torch.equal(weights['head.centroids'], model.head.centroids)
 
@@ -564,43 +565,50 @@ def test_live_push_and_pull(saved, tmp_path):
 # model card
 
 
+def _report(
+    split='test', shot_rule='strict', top1=None, many=None, medium=None, few=None, f=None, auroc=None, fpr=None
+):
+    """A report dict in OLTRReport.to_dict()'s layout, with chosen headline figures (None = absent)."""
+    groups = {name: {'accuracy': value} for name, value in (('many', many), ('medium', medium), ('few', few))}
+    return {
+        'split': split,
+        'conventions': {'shot_rule': shot_rule},
+        'closed_set': {'top1': top1, 'groups': groups},
+        'open_set': {'f_measure': None if f is None else {'f': f}, 'auroc': auroc, 'fpr_at_95_tpr': fpr},
+    }
+
+
 def test_card_reads_a_side_by_side_metrics_json(saved, tmp_path):
     model, _ = saved
     metrics = {
-        'split': {'name': 'test'},
-        'dataset': 'fashion_mnist',
-        'stage1': {'top1': 0.6, 'shot_groups': {'many': {'accuracy': 0.9}, 'medium': {'accuracy': 0.5}}},
-        'oltr': {
-            'top1': 0.65,
-            'shot_rule': 'inclusive',
-            'shot_groups': {'many': {'accuracy': 0.85}, 'medium': {'accuracy': 0.6}, 'few': {'accuracy': 0.3}},
-            'auroc_by_shot_group': {'many': 0.99},
-            'open_set': {'f_measure': {'f': 0.4}, 'auroc': 0.7, 'fpr_at_95_tpr': 0.8},
-        },
+        'plain': _report(shot_rule='inclusive', top1=0.6, many=0.9, medium=0.5),
+        'oltr': _report(shot_rule='inclusive', top1=0.65, many=0.85, medium=0.6, few=0.3, f=0.4, auroc=0.7, fpr=0.8),
+        'history': {'stage1': [{'epoch': 1, 'val_macro': 0.99}]},
     }
     (tmp_path / 'metrics.json').write_text(json.dumps(metrics))
-    save_pretrained(model, tmp_path)
+    save_pretrained(model, tmp_path, datasets='fashion_mnist')
     card = huggingface_hub.ModelCard.load(tmp_path / 'README.md')
     assert card.data.library_name == 'timm-oltr'
     assert card.data.tags == ['image-classification', 'timm', 'oltr', 'long-tail', 'open-set']
     assert card.data.datasets == ['fashion_mnist']
     assert card.data.license == 'apache-2.0'
-    assert '| stage1 | 60.0 | 90.0 | 50.0 | - | - | - | - |' in card.text
-    assert '| oltr | 65.0 | 85.0 | 60.0 | 30.0 | 40.0 | 70.0 | 80.0 |' in card.text
+    assert '| plain timm model | 60.0 | 90.0 | 50.0 | - | - | - | - |' in card.text
+    assert '| OLTR | 65.0 | 85.0 | 60.0 | 30.0 | 40.0 | 70.0 | 80.0 |' in card.text
     assert 'many >= 100, few <= 20' in card.text and 'the `test` split' in card.text
     assert json.loads((tmp_path / 'config.json').read_text())['oltr']['shot_rule'] == 'inclusive'
 
 
 def test_card_accepts_a_report_object(saved, tmp_path):
-    class Report:
-        def to_dict(self):
-            return {'accuracy': 0.25, 'f_measure': {'f': 0.5}}
-
-    save_pretrained(saved[0], tmp_path, report=Report())
+    labels = np.array([0, 1, 2, 0, -1])
+    logits = np.eye(K)[[0, 1, 1, 0, 2]] * 5.0  # 3 of 4 knowns right, one unknown
+    report = timm_oltr.compute_report(logits, labels, split='val')
+    save_pretrained(saved[0], tmp_path, report=report)
     text = (tmp_path / 'README.md').read_text()
-    assert '| OLTR | 25.0 | 50.0 |' in text
+    assert '| OLTR | 75.0 |' in text and 'the `val` split' in text
     with pytest.raises(TypeError, match='report must be a dict'):
         save_pretrained(saved[0], tmp_path, report=[0.5])
+    with pytest.raises(ValueError, match='report must be an OLTRReport'):
+        save_pretrained(saved[0], tmp_path, report={'accuracy': 0.5})
 
 
 def test_card_without_report_has_no_table(saved, tmp_path):
@@ -623,13 +631,13 @@ def _example():
 
 def test_example_pushes_a_run_folder(saved, fake_hub, tmp_path, capsys):
     shutil.copytree(saved[1], tmp_path / 'run' / 'model')
-    (tmp_path / 'run' / 'metrics.json').write_text(json.dumps({'oltr': {'top1': 0.5}}))
+    (tmp_path / 'run' / 'metrics.json').write_text(json.dumps({'oltr': _report(top1=0.5)}))
     (tmp_path / 'run' / 'model' / 'train.log').write_text('not uploaded')
 
     assert _example().main([str(tmp_path / 'run'), 'someone/run', '--private', '--token', 'hf_fake']) == 0
     [commit] = fake_hub.commits
     assert sorted(commit['files']) == ['README.md', 'config.json', 'model.safetensors']
-    assert '| oltr | 50.0 |' in commit['files']['README.md'].decode()
+    assert '| OLTR | 50.0 |' in commit['files']['README.md'].decode()
     assert capsys.readouterr().out.strip() == commit_url(commit)
 
 

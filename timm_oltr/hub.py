@@ -99,10 +99,10 @@ def save_pretrained(
         safe_serialization: True writes `model.safetensors` (the default, the only format `push_to_hub` uploads);
             False writes `pytorch_model.bin` (a plain state dict, loadable with `weights_only=True`); 'both' both.
         shot_rule: shot-group convention of the reported metrics, 'strict' (many > 100, few < 20) or 'inclusive'
-            (many >= 100, few <= 20); defaults to the report's `shot_rule` or `rule` if it has one.
+            (many >= 100, few <= 20); defaults to the report's own convention.
         repo_id: Hub repo id shown in the card's loading snippet.
         license: license id for the card's metadata.
-        datasets: dataset id(s) for the card's metadata; defaults to the report's `dataset`, if a string.
+        datasets: dataset id(s) for the card's metadata.
 
     Returns:
         The folder's path.
@@ -118,8 +118,7 @@ def save_pretrained(
         _logger.info('Model card metrics taken from %s.', folder / METRICS_NAME)
     report = _report_dict(report)
     if shot_rule is None and report is not None:
-        found = _find_value(report, ('shot_rule', 'rule'))
-        shot_rule = found if found in _SHOT_RULES else None
+        shot_rule = _report_convention(report, 'shot_rule')
     if shot_rule is not None and shot_rule not in _SHOT_RULES:
         raise ValueError(f'shot_rule={shot_rule!r} must be one of {_SHOT_RULES} or None.')
 
@@ -296,9 +295,6 @@ def _model_card(
     oltr = config['oltr']
     oltr_cfg = oltr['config']
     rows = _metric_rows(report) if report is not None else []
-    if datasets is None and report is not None:
-        dataset = _find_value(report, ('dataset', 'dataset_name'))
-        datasets = [dataset] if isinstance(dataset, str) else None
 
     card_data = ModelCardData(
         library_name='timm-oltr',
@@ -380,80 +376,54 @@ _COLUMNS = (
     ('auroc', 'AUROC'),
     ('fpr95', 'FPR@95'),
 )
-# metric -> names it goes by in a report; a generic leaf ('accuracy', 'f', 'value') is matched with its parent's name
-# joined in front, so {'many': {'accuracy': x}} reads as 'many_accuracy'
-_ALIASES = {
-    'top1': ('top1', 'top1_accuracy', 'acc1', 'accuracy', 'closed_set_accuracy', 'overall_accuracy'),
-    'many': ('many', 'many_shot', 'many_accuracy', 'many_shot_accuracy', 'many_acc'),
-    'medium': ('medium', 'medium_shot', 'medium_accuracy', 'medium_shot_accuracy', 'medium_acc'),
-    'few': ('few', 'few_shot', 'few_accuracy', 'few_shot_accuracy', 'few_acc'),
-    'f_measure': ('f_measure', 'f_measure_f', 'f1', 'open_set_f', 'open_set_f1', 'fmeasure'),
-    'auroc': ('auroc', 'roc_auc'),
-    'fpr95': ('fpr95', 'fpr_at_95_tpr', 'fpr_at_tpr', 'fpr_95', 'fpr@95'),
-}
-_GENERIC_LEAVES = ('accuracy', 'acc', 'value', 'f', 'score')
-# sub-dicts whose figures are not the headline ones (per class, per threshold, by group, after thresholding)
-_SKIP_PARTS = ('per_class', 'by_shot', 'sweep', 'curve', 'setting', 'threshold', 'history', 'baseline_')
-# top-level keys of a side-by-side metrics.json, one row each
-_SECTION_NAMES = ('baseline', 'plain', 'stage1', 'stage_1', 'timm', 'oltr', 'stage2', 'stage_2')
+# sections of a side-by-side metrics.json (examples/finetune.py), one table row each
+_SECTIONS = (('plain', 'plain timm model'), ('oltr', 'OLTR'))
 
 
 def _report_dict(report: Any) -> dict[str, Any] | None:
+    """An `OLTRReport`, its `to_dict()`, or a side-by-side metrics.json {'plain': report, 'oltr': report}."""
     if report is None:
         return None
     if hasattr(report, 'to_dict'):
         report = report.to_dict()
     if not isinstance(report, Mapping):
         raise TypeError(f'report must be a dict or have to_dict(), got {type(report).__name__}.')
-    return dict(report)
+    report = dict(report)
+    if 'closed_set' not in report and not any(isinstance(report.get(key), Mapping) for key, _ in _SECTIONS):
+        raise ValueError(
+            "report must be an OLTRReport (or its to_dict()) or a metrics.json with 'plain'/'oltr' reports; "
+            f'got keys {sorted(report)[:10]}.'
+        )
+    return report
+
+
+def _sections(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    if 'closed_set' in report:
+        return [('OLTR', report)]
+    return [(label, report[key]) for key, label in _SECTIONS if isinstance(report.get(key), Mapping)]
 
 
 def _metric_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, float | None]]]:
-    """One row per model section of a side-by-side report, else one row for the report itself."""
-    sections = [(k, v) for k, v in report.items() if k.lower() in _SECTION_NAMES and isinstance(v, Mapping)]
-    if not sections:
-        sections = [(str(report.get('model') or 'OLTR'), report)]
+    """One row of headline figures per model in the report."""
     rows = []
-    for name, section in sections:
-        found = _find_metrics(section)
-        if any(v is not None for v in found.values()):
-            rows.append((name, found))
+    for name, section in _sections(report):
+        closed, open_set = section.get('closed_set') or {}, section.get('open_set') or {}
+        groups = closed.get('groups') or {}
+        row = {
+            'top1': closed.get('top1'),
+            **{group: (groups.get(group) or {}).get('accuracy') for group in ('many', 'medium', 'few')},
+            'f_measure': (open_set.get('f_measure') or {}).get('f'),
+            'auroc': open_set.get('auroc'),
+            'fpr95': open_set.get('fpr_at_95_tpr'),
+        }
+        rows.append((name, row))
     return rows
 
 
-def _find_metrics(report: Mapping[str, Any]) -> dict[str, float | None]:
-    best: dict[str, tuple[int, float]] = {}
-    for path, value in _leaves(report, ()):
-        parents = path[:-1]
-        if any(skip in part for part in parents for skip in _SKIP_PARTS):
-            continue
-        leaf = path[-1]
-        name = f'{parents[-1]}_{leaf}' if leaf in _GENERIC_LEAVES and parents else leaf
-        for metric, aliases in _ALIASES.items():
-            if name in aliases and (metric not in best or len(path) < best[metric][0]):
-                best[metric] = (len(path), value)
-    return {metric: best[metric][1] if metric in best else None for metric, _ in _COLUMNS}
-
-
-def _leaves(node: Any, path: tuple[str, ...]):
-    if isinstance(node, Mapping):
-        for key, value in node.items():
-            yield from _leaves(value, (*path, str(key).lower()))
-    elif isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node) and path:
-        yield path, float(node)
-
-
-def _find_value(report: Mapping[str, Any], names: tuple[str, ...]) -> Any:
-    """First value under one of `names`, searching the top level, then one level down."""
-    for name in names:
-        if isinstance(report.get(name), str):
-            return report[name]
-    for value in report.values():
-        if isinstance(value, Mapping):
-            for name in names:
-                if isinstance(value.get(name), str):
-                    return value[name]
-    return None
+def _report_convention(report: dict[str, Any], name: str) -> Any:
+    """A convention (split, shot rule, ...) of the report's OLTR section."""
+    section = _sections(report)[-1][1] if _sections(report) else {}
+    return section.get(name, (section.get('conventions') or {}).get(name))
 
 
 def _metrics_table(rows: list[tuple[str, dict]], report: dict[str, Any], shot_rule: str | None) -> list[str]:
@@ -467,10 +437,7 @@ def _metrics_table(rows: list[tuple[str, dict]], report: dict[str, Any], shot_ru
     ]
     for name, row in rows:
         lines.append(f'| {name} | ' + ' | '.join(_percent(row[key]) for key, _ in columns) + ' |')
-    split = report.get('split')
-    if isinstance(split, Mapping):
-        split = split.get('name')
-    split = split or _find_value(report, ('split', 'split_name', 'test_split'))
+    split = _report_convention(report, 'split')
     bounds = {
         'strict': 'many > 100, few < 20 training images',
         'inclusive': 'many >= 100, few <= 20 training images',
