@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             'wall_time_s': round(time.time() - start, 1),
         }
         atomic_json(metrics, output / 'metrics.json')
-        atomic_folder(output / 'model', lambda folder: model.save_pretrained(folder, report=reports['oltr']))
+        atomic_folder(output / 'model', lambda folder: model.save_pretrained(folder, report=metrics))
         for name in ('stage1_last.pt', 'stage2_last.pt'):
             (output / name).unlink(missing_ok=True)
         latest = output.parent / 'latest'
@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             f'\nwrote {output}/metrics.json, model/, stage1/ and {len(plots)} plots in {metrics["wall_time_s"]:.0f} s'
         )
         if args.push_to_hub:
-            url = model.push_to_hub(args.push_to_hub, report=reports['oltr'])
+            url = model.push_to_hub(args.push_to_hub, report=metrics)
             print(f'pushed to {url}')
     run.close()
     return 0

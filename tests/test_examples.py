@@ -59,6 +59,9 @@ def test_finetune_writes_every_output(finished_run):
     assert (output / 'stage1' / 'model.safetensors').is_file()
     for name in ('model.safetensors', 'config.json', 'README.md'):
         assert (output / 'model' / name).is_file(), name
+    card = (output / 'model' / 'README.md').read_text()
+    top1 = {name: f'{100 * metrics[name]["closed_set"]["top1"]:.1f}' for name in ('plain', 'oltr')}
+    assert f'| plain timm model | {top1["plain"]} |' in card and f'| OLTR | {top1["oltr"]} |' in card
     for name in metrics['plots']:
         assert (output / name).stat().st_size > 1000
     assert not list(output.glob('.*.tmp')) and not (output / 'stage2_last.pt').exists()
