@@ -251,3 +251,21 @@ def test_case_c15_options_are_keyword_only():
     images, labels = real_batch()
     with pytest.raises(TypeError):
         init_centroids(make_model(), loader_of(images, labels), None, None, 'exclude')
+
+
+def test_centroids_from_cached_backbone_features_equal_those_from_images():
+    images, labels = real_batch()
+    model = make_model()
+    torch.nn.init.normal_(model.attention.out.weight, std=0.05)  # the attention must take part on both paths
+    counts = init_centroids(model, loader_of(images, labels), progress=False)
+    from_images = model.head.centroids.detach().clone()
+
+    with torch.no_grad():
+        cached = model.eval().backbone.forward_features(images)
+    fresh = make_model()
+    fresh.load_state_dict(model.state_dict())
+    fresh_counts = init_centroids(fresh, loader_of(cached, labels), inputs='backbone_features', progress=False)
+    torch.testing.assert_close(fresh.head.centroids, from_images, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fresh_counts, counts)
+    with pytest.raises(ValueError, match='inputs'):
+        init_centroids(fresh, loader_of(cached, labels), inputs='features', progress=False)
