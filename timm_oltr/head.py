@@ -23,7 +23,6 @@ import math
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import OLTRConfig
@@ -94,8 +93,11 @@ class CosineClassifier(nn.Module):
             x = x.float()
             norm = x.norm(dim=1, keepdim=True).clamp_min(self.eps)  # (B, 1)
             squashed = norm / (1 + norm) if self.squash == 'linear' else norm.square() / (1 + norm.square())
-            weight = F.normalize(self.weight.float(), dim=1, eps=self.eps)
-            return self.scale * (squashed / norm * x) @ weight.t()
+            weight = self.weight.float()
+            # NOTE: dividing the (B, K) logits by the class norms, rather than normalising the (K, E) weight,
+            # keeps (K, E) temporaries out of forward and backward: they dominate the head's memory at large K
+            weight_norm = torch.linalg.vector_norm(weight, dim=1).clamp_min(self.eps)  # (K,)
+            return (self.scale * squashed / norm * x) @ weight.t() / weight_norm
 
     def extra_repr(self) -> str:
         return f'{self.in_features} -> {self.num_classes}, scale={self.scale}, squash={self.squash}'
