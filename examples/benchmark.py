@@ -74,11 +74,11 @@ class Sizes:
 
 SIZES = {
     'full': Sizes(
-        models=(('resnet50', 224), ('vit_small_patch16_224', 224), ('convnext_tiny', 224)),
+        models=(('resnet50', 224), ('vit_tiny_patch16_224', 224), ('convnext_atto', 224)),
         batch_size=8,
         num_classes=1000,
         warmup=1,
-        repeats=5,
+        repeats=3,
         loader_batches=4,
         head=(256, 10_000, 2048),
         scaling_k=(100, 1_000, 10_000, 50_000),

@@ -209,7 +209,8 @@ class MetaEmbeddingHead(nn.Module):
 
             # reachability: the search uses the expanded form (O(B*K) memory), the distance itself is exact
             with torch.no_grad():
-                sq_dist = v.square().sum(1, keepdim=True) - 2 * v @ centroids.t() + centroids.square().sum(1)
+                centroid_sq = torch.linalg.vector_norm(centroids, dim=1).square()  # (K,), no (K, E) temporary
+                sq_dist = v.square().sum(1, keepdim=True) - 2 * v @ centroids.t() + centroid_sq
                 nearest = sq_dist.masked_fill(~valid, float('inf')).argmin(dim=1)  # (B,)
             sq_min = (v - centroids[nearest]).square().sum(1)
             min_distance = sq_min.clamp_min(self.distance_eps**2).sqrt()  # (B,)
