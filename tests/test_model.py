@@ -121,7 +121,7 @@ def test_case_c07_fixed_grid_mode_fails_at_construction_and_first_batch():
     model = timm_oltr.wrap(timm.create_model('test_resnet', num_classes=3), attention_spatial='linear')
     assert model.config.attention_grid == (5, 5)
     _with_centroids(model).eval()
-    with pytest.raises(ValueError, match='built for a 5x5 grid, got 4x4'):
+    with pytest.raises(ValueError, match=r"attention_spatial='linear'\) was built for a 5x5 grid, got 4x4"):
         model(torch.randn(1, 3, 128, 128))
 
 
@@ -210,8 +210,22 @@ def test_case_c05_uninitialised_centroids():
 
 def test_case_c01_forward_takes_only_the_input():
     model = _with_centroids(timm_oltr.wrap(timm.create_model('test_resnet', num_classes=365)))
-    assert list(inspect.signature(model.forward).parameters) == ['x']
+    assert list(inspect.signature(model.forward).parameters) == ['x', 'return_oltr']
     assert 'head.centroids' in model.state_dict()
+
+
+def test_forward_returns_the_oltr_output_on_request():
+    model = _with_centroids(timm_oltr.wrap(timm.create_model('test_resnet', num_classes=3))).eval()
+    x = _batch(model)
+    out = model(x, return_oltr=True)
+    assert isinstance(out, timm_oltr.OLTROutput) and torch.equal(out.logits, model(x))
+
+
+def test_empty_batch_gives_empty_outputs():
+    for name in ('test_resnet', 'test_mambaout'):  # timm's own ViT cannot take an empty batch
+        model = _with_centroids(timm_oltr.wrap(timm.create_model(name, num_classes=3))).eval()
+        out = model(_batch(model, batch_size=0), return_oltr=True)
+        assert out.logits.shape == (0, 3) and out.reachability.shape == (0,)
 
 
 def test_device_dtype_mode_are_kept():
@@ -241,6 +255,8 @@ def test_timm_protocol():
     num_params = sum(p.numel() for group in optimizer.param_groups for p in group['params'])
     assert num_params == sum(p.numel() for p in model.parameters())
     model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match='cannot drop its classifier'):
+        model.reset_classifier(0)
     model.reset_classifier(9)
     assert model.num_classes == 9 and model.head.centroids.shape == (9, 64) and not model.head.is_initialized
 
@@ -258,6 +274,15 @@ def test_bad_input_is_named():
         timm_oltr.wrap(timm.create_model('test_resnet', num_classes=3), cosine_scal=3)
     with pytest.raises(ValueError, match='label_names'):
         timm_oltr.wrap(timm.create_model('test_resnet', num_classes=3), label_names=['a'])
+    with pytest.raises(TypeError, match='label_names must be a list'):
+        timm_oltr.wrap(timm.create_model('test_resnet', num_classes=3), label_names='abc')
+    with pytest.raises(ValueError, match=r"distinct; \['a'\]"):
+        timm_oltr.wrap(timm.create_model('test_resnet', num_classes=3), label_names=['a', 'b', 'a'])
+    for bad in (-5, '32', 32.5, (32, 0)):
+        with pytest.raises(ValueError, match='img_size='):
+            timm_oltr.wrap(timm.create_model('test_resnet', num_classes=3), img_size=bad)
+    with pytest.raises(ValueError, match='attention_grid=7'):
+        timm_oltr.wrap(timm.create_model('test_resnet', num_classes=3), attention_spatial='linear', attention_grid=7)
     with pytest.raises(ValueError, match='cannot take input size'):
         timm_oltr.wrap(timm.create_model('test_vit', num_classes=3), img_size=100)
     model = timm_oltr.wrap(timm.create_model('test_resnet', num_classes=3))

@@ -99,7 +99,7 @@ class ModulatedAttention(nn.Module):
         k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1)
         v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1)
         y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, 1, N, C')
-        y = y.squeeze(1).transpose(1, 2).reshape(B, -1, H, W)
+        y = y.squeeze(1).transpose(1, 2).reshape(B, self.value.out_channels, H, W)
         attended = self.out(y)  # (B, C, H, W)
 
         # spatial modulation: a distribution over the positions, broadcast over channels
@@ -108,8 +108,9 @@ class ModulatedAttention(nn.Module):
         else:
             if (H, W) != self.grid:
                 raise ValueError(
-                    f"spatial='linear' attention was built for a {self.grid[0]}x{self.grid[1]} grid, got {H}x{W}; "
-                    "wrap with spatial='conv' (any size) or feed images of the size it was built for."
+                    f"the fixed-grid attention (attention_spatial='linear') was built for a {self.grid[0]}x"
+                    f"{self.grid[1]} grid, got {H}x{W}; use attention_spatial='conv' (any size) or images of the size "
+                    'it was built for.'
                 )
             logits = self.spatial_logits(x.flatten(1))  # (B, N), flattened in (channel, row, col) order
         modulation = logits.softmax(dim=1).reshape(B, 1, H, W)

@@ -69,6 +69,8 @@ class OLTRConfig:
 
     def __post_init__(self) -> None:
         if self.attention_grid is not None:
+            if not isinstance(self.attention_grid, (tuple, list)):
+                raise ValueError(f'OLTRConfig.attention_grid={self.attention_grid!r} must be (H, W) or None.')
             object.__setattr__(self, 'attention_grid', tuple(self.attention_grid))
         self._validate()
 

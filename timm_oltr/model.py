@@ -71,7 +71,7 @@ class OLTRModel(nn.Module):
             raise TypeError(f'config must be an OLTRConfig, got {type(config).__name__}.')
         cfg = dict(getattr(backbone, 'pretrained_cfg', None) or {})
         in_chans, *default_hw = cfg.get('input_size', (3, 224, 224))
-        input_size = (in_chans, *(to_2tuple(img_size) if img_size is not None else default_hw))
+        input_size = (in_chans, *(_check_img_size(img_size) if img_size is not None else default_hw))
         param = next(backbone.parameters())
         factory = dict(device=param.device, dtype=param.dtype)
 
@@ -182,9 +182,14 @@ class OLTRModel(nn.Module):
         """OLTROutput from a cached `backbone.forward_features` output (training a frozen backbone's top)."""
         return self._head(self.forward_head(self.forward_attention(feats, img_size), pre_logits=True))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, K) logits."""
-        return self.forward_oltr(x).logits
+    def forward(self, x: torch.Tensor, *, return_oltr: bool = False) -> torch.Tensor | OLTROutput:
+        """(B, 3, H, W) images -> (B, K) logits, or the whole OLTROutput with `return_oltr=True`.
+
+        Under DistributedDataParallel only calls through the wrapper's forward synchronise gradients, so train with
+        `ddp_model(images, return_oltr=True)` rather than `ddp_model.module.forward_oltr(images)`.
+        """
+        out = self.forward_oltr(x)
+        return out if return_oltr else out.logits
 
     def _head(self, features: torch.Tensor) -> OLTROutput:
         if not self.head.is_initialized:
@@ -223,6 +228,11 @@ class OLTRModel(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New head for `num_classes` classes (centroids uninitialised); `global_pool` goes to the backbone."""
+        if num_classes == 0:
+            raise ValueError(
+                'num_classes=0: an OLTR model cannot drop its classifier; for features use '
+                'model.forward_head(model.forward_features(x), pre_logits=True), or the backbone itself.'
+            )
         _check_num_classes(num_classes)
         if global_pool is not None:
             self.backbone.reset_classifier(0, global_pool=global_pool)
@@ -378,7 +388,19 @@ def _check_num_classes(num_classes: Any) -> None:
 def _check_label_names(label_names: list[str] | None, num_classes: int) -> list[str] | None:
     if label_names is None:
         return None
+    if isinstance(label_names, str) or not isinstance(label_names, (list, tuple)):
+        raise TypeError(f'label_names must be a list of {num_classes} strings, got {type(label_names).__name__}.')
     names = list(label_names)
     if len(names) != num_classes or not all(isinstance(n, str) for n in names):
         raise ValueError(f'label_names must be {num_classes} strings, got {len(names)} items.')
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f'label_names must be distinct; {duplicates[:5]} appear more than once.')
     return names
+
+
+def _check_img_size(img_size: Any) -> tuple[int, int]:
+    size = to_2tuple(img_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ValueError(f'img_size={img_size!r} must be a positive int or an (H, W) pair of positive ints.')
+    return tuple(size)
