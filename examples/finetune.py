@@ -197,7 +197,27 @@ def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 2:
         raise ValueError(f'--batch-size {args.batch_size} must be at least 2 (BatchNorm needs two samples).')
     if args.img_size is not None and args.img_size < 16:
-        raise ValueError(f'--img-size {args.img_size} is too small; use 32 or more.')
+        raise ValueError(f'--img-size {args.img_size} is too small; use 16 or more.')
+    for option, value in (('--lr', args.lr[0]), ('--lr', args.lr[1]), ('--head-lr', args.head_lr)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f'{option} {value} must be a positive number.')
+    for option in ('centroid_lr', 'centroid_weight', 'weight_decay', 'imbalance_ratio'):
+        value = getattr(args, option)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f'--{option.replace("_", "-")} {value} must be a non-negative number.')
+    for option, minimum in (('samples_per_class', 1), ('workers', 0), ('seed', 0), ('max_steps', 1), ('neck_dim', 1)):
+        value = getattr(args, option)
+        if value is not None and value < minimum:
+            raise ValueError(f'--{option.replace("_", "-")} {value} must be at least {minimum}.')
+    if args.amp_dtype is not None and not args.amp:
+        raise ValueError('--amp-dtype only applies with --amp; add --amp.')
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(f'--device {args.device!r} is not a device: {e}') from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise ValueError(f'--device {args.device}: no CUDA device is available here; use --device cpu.')
     args.data_source = 'folder' if args.data_dir else 'lists' if args.train_list else 'fashion-mnist'
     if args.img_size is None and args.data_source == 'fashion-mnist':
         args.img_size = 96  # the 28 px photos upsampled: enough for an ImageNet backbone, fast on a CPU
@@ -317,6 +337,16 @@ def atomic_folder(path: Path, write: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # training
+
+
+def steps_per_epoch(batches: DataLoader, args: argparse.Namespace) -> int:
+    """Training steps per epoch; a loader too small for one full batch is an error, not a silent no-op."""
+    if len(batches) == 0:
+        size = len(batches.sampler) if batches.sampler is not None else len(batches.dataset)
+        raise ValueError(
+            f'{size} training samples per epoch and rank make no full batch of {args.batch_size}; lower --batch-size.'
+        )
+    return len(batches) if args.max_steps is None else min(len(batches), args.max_steps)
 
 
 def make_optimizer(groups: list[dict], total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -454,7 +484,7 @@ def run_stage1(args: argparse.Namespace, run: Run, model: nn.Module, data: Any, 
     epochs = args.epochs[0]
     sampler = DistributedSampler(data.train, seed=args.seed, drop_last=True) if run.distributed else None
     batches = loader(data.train, args, sampler=sampler, shuffle=True, drop_last=True)
-    steps = len(batches) if args.max_steps is None else min(len(batches), args.max_steps)
+    steps = steps_per_epoch(batches, args)
     groups = [{'params': [p for p in model.parameters() if p.requires_grad], 'lr': args.lr[0]}]
     optimizer, scheduler = make_optimizer([{**g, 'weight_decay': args.weight_decay} for g in groups], epochs * steps)
     stage.resume(model, optimizer, scheduler)
@@ -510,7 +540,7 @@ def run_stage2(
 
     sampler = timm_oltr.ClassAwareSampler(labels, samples_per_class=args.samples_per_class, seed=args.seed)
     batches = loader(train_set, args, sampler=sampler, drop_last=True)
-    steps = len(batches) if args.max_steps is None else min(len(batches), args.max_steps)
+    steps = steps_per_epoch(batches, args)
     groups = timm_oltr.param_groups(
         model, lr=args.head_lr, backbone_lr=args.lr[1], centroid_lr=args.centroid_lr, weight_decay=args.weight_decay
     )
@@ -672,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     val_loader = loader(data.val if data.val is not None else data.test, args)
+    if args.epochs[0] == 0:
+        _logger.warning('--epochs 0 ...: no stage-1 training; the plain model is the initial %s', args.model)
     stage1 = run_stage1(args, run, model, data, val_loader)
 
     reports = {}
@@ -679,9 +711,13 @@ def main(argv: list[str] | None = None) -> int:
         reports['plain'] = evaluate_model(model, data, args, run, 'plain')
 
         def write_stage1(folder: Path) -> None:
+            # safetensors stores contiguous tensors only: save a channels-last model in the default layout
+            model.to(memory_format=torch.contiguous_format)
             timm.models.save_for_hf(
                 model, folder, safe_serialization=True, model_config={'label_names': data.class_names}
             )
+            if args.channels_last:
+                model.to(memory_format=torch.channels_last)
 
         atomic_folder(output / 'stage1', write_stage1)
     run.barrier()

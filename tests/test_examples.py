@@ -88,7 +88,7 @@ def test_resume_continues_from_the_last_complete_epoch(tmp_path, monkeypatch):
     import finetune
 
     output = tmp_path / 'run'
-    argv = [*TINY, '--epochs', '2', '1', '--max-steps', '2', '--output', str(output)]
+    argv = [*TINY, '--epochs', '2', '1', '--max-steps', '2', '--channels-last', '--output', str(output)]
     real_end_epoch = finetune.StageState.end_epoch
 
     def interrupted(self, *args, **kwargs):
@@ -136,6 +136,10 @@ def test_two_rank_torchrun(tmp_path):
         (['--fmnist-root', '/nonexistent'], 'apt-get install dataset-fashion-mnist'),
         (['--data-dir', '/nonexistent'], 'is not a folder'),
         (['--batch-size', '1'], 'at least 2'),
+        (['--batch-size', '5000'], 'make no full batch of 5000'),
+        (['--lr', '-1', '0.1'], '--lr -1.0 must be a positive number'),
+        (['--max-steps', '0'], '--max-steps 0 must be at least 1'),
+        (['--device', 'cuda:7'] if not torch.cuda.is_available() else ['--device', 'tpu'], '--device'),
     ],
 )
 def test_bad_arguments_end_with_one_clear_line(tmp_path, args, message):
