@@ -247,6 +247,34 @@ def test_bad_arguments_raise():
         init_centroids(timm.create_model('test_resnet'), [], progress=False)
 
 
+@pytest.mark.parametrize('fn', [init_centroids, class_means, centroid_drift])
+@pytest.mark.parametrize(
+    'kwargs, error, match',
+    [
+        ({'loader': None}, TypeError, r'loader must be an iterable of \(images, labels\) batches.*got NoneType'),
+        ({'loader': 3}, TypeError, 'loader must be an iterable .* got int'),
+        ({'loader': torch.zeros(2, 3)}, TypeError, 'loader must be an iterable .* got Tensor'),
+        ({'autocast_dtype': 'bf16'}, TypeError, r"autocast_dtype must be a torch.dtype or None, got 'bf16' \(str\)"),
+        ({'autocast_dtype': torch.int64}, ValueError, 'autocast_dtype must be a floating-point torch.dtype'),
+    ],
+)
+def test_bad_loader_and_autocast_dtype_raise_before_any_work(fn, kwargs, error, match):
+    model = make_model()
+    model.head.set_centroids(torch.zeros(4, model.head_hidden_size), torch.ones(4, dtype=torch.long))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = {'loader': [], **kwargs}
+    with pytest.raises(error, match=match):
+        fn(model, kwargs.pop('loader'), progress=False, **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_generator_loader_is_accepted():
+    images, labels = real_batch()
+    model = make_model()
+    counts = init_centroids(model, ((images[i : i + 4], labels[i : i + 4]) for i in range(0, 12, 4)), progress=False)
+    assert counts.tolist() == [3, 3, 3, 3]
+
+
 def test_case_c15_options_are_keyword_only():
     images, labels = real_batch()
     with pytest.raises(TypeError):

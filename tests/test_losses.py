@@ -1,5 +1,6 @@
 """Discriminative centroid loss and OLTR loss: values and gradients against naive float64 loops."""
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -285,6 +286,57 @@ def test_bad_options_raise():
         DiscriminativeCentroidLoss()(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), loss_weight=0.0)
 
 
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), float('-inf')])
+def test_non_finite_soft_targets_raise(value):
+    targets = torch.full((4, 3), 1 / 3)
+    targets[2, 1] = value
+    with pytest.raises(ValueError, match=r'targets must be finite soft targets, got NaN or inf in rows \[2\]'):
+        DiscriminativeCentroidLoss()(torch.randn(4, 5), torch.randn(3, 5), targets)
+
+
+NAN, INF = float('nan'), float('inf')
+
+
+@pytest.mark.parametrize(
+    'name, value, error, expected',
+    [
+        ('centroid_weight', 'a', TypeError, r"a real number >= 0, got 'a' \(str\)"),
+        ('centroid_weight', None, TypeError, r'a real number >= 0, got None \(NoneType\)'),
+        ('centroid_weight', True, TypeError, r'a real number >= 0, got True \(bool\)'),
+        ('centroid_weight', INF, ValueError, 'a finite number >= 0, got inf'),
+        ('centroid_weight', NAN, ValueError, 'a finite number >= 0, got nan'),
+        ('label_smoothing', NAN, ValueError, r'a finite number in \[0, 1\), got nan'),
+        ('label_smoothing', -0.1, ValueError, r'in \[0, 1\), got -0.1'),
+        ('label_smoothing', '0.1', TypeError, r"a real number in \[0, 1\), got '0.1'"),
+        ('margin', INF, ValueError, 'a finite number >= 0, got inf'),
+        ('margin', NAN, ValueError, 'a finite number >= 0, got nan'),
+        ('margin', '10', TypeError, r"a real number >= 0, got '10' \(str\)"),
+        ('repel_weight', NAN, ValueError, 'a finite number >= 0, got nan'),
+        ('repel_weight', INF, ValueError, 'a finite number >= 0, got inf'),
+        ('repel_weight', -0.01, ValueError, '>= 0, got -0.01'),
+        ('repel_weight', [0.01], TypeError, r'a real number >= 0, got \[0.01\] \(list\)'),
+    ],
+)
+def test_bad_numeric_options_name_the_argument(name, value, error, expected):
+    cls = OLTRLoss if name in ('centroid_weight', 'label_smoothing') else DiscriminativeCentroidLoss
+    with pytest.raises(error, match=f'{name} must be {expected}'):
+        cls(**{name: value})
+
+
+def test_bad_loss_weight_names_the_argument():
+    args = torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match='loss_weight must be a finite number > 0, got inf'):
+        DiscriminativeCentroidLoss()(*args, loss_weight=float('inf'))
+    with pytest.raises(TypeError, match='loss_weight must be a real number > 0'):
+        DiscriminativeCentroidLoss()(*args, loss_weight='1')
+
+
+def test_numeric_options_accept_ints_and_numpy_scalars_as_floats():
+    loss = DiscriminativeCentroidLoss(margin=10, repel_weight=np.float32(0.5))
+    assert (loss.margin, loss.repel_weight) == (10.0, 0.5) and type(loss.repel_weight) is float
+    assert OLTRLoss(centroid_weight=0, label_smoothing=np.float64(0.1)).label_smoothing == 0.1
+
+
 def test_empty_batch_gives_zero_and_grads():
     c = torch.randn(3, 5, requires_grad=True)
     loss = DiscriminativeCentroidLoss()(torch.randn(0, 5), c, torch.zeros(0, dtype=torch.long))
@@ -359,3 +411,19 @@ def test_oltr_loss_rejects_non_oltr_models_and_bad_targets():
         OLTRLoss()(out, torch.tensor([0, 3]), model)
     with pytest.raises(TypeError):
         OLTRLoss(0.01)  # keyword-only (C15)
+
+
+def test_oltr_loss_rejects_logits_in_place_of_the_oltr_output():
+    model = make_oltr_model().train()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(TypeError, match=r'out must be the OLTROutput of model.forward_oltr\(x\), got Tensor'):
+        OLTRLoss()(model(x), torch.tensor([0, 1]), model)
+    with pytest.raises(TypeError, match='got tuple'):
+        OLTRLoss().breakdown(tuple(model.forward_oltr(x)), torch.tensor([0, 1]), model)
+
+
+def test_oltr_loss_rejects_non_finite_soft_targets():
+    model = make_oltr_model().train()
+    out = model.forward_oltr(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match='targets must be finite'):
+        OLTRLoss()(out, torch.full((2, 3), float('nan')), model)

@@ -68,6 +68,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner
 
 
+def _check_loader_and_dtype(loader: Any, autocast_dtype: Any) -> None:
+    """Reject a ``loader`` that cannot be iterated and an ``autocast_dtype`` that is not a floating torch.dtype."""
+    if not isinstance(loader, Iterable) or isinstance(loader, (str, bytes, torch.Tensor)):
+        raise TypeError(
+            'loader must be an iterable of (images, labels) batches, such as a torch DataLoader or a list of tuples, '
+            f'got {type(loader).__name__}; pass a loader over the data set (the training set for init_centroids).'
+        )
+    if autocast_dtype is None:
+        return
+    fix = 'pass e.g. torch.bfloat16 or torch.float16, or None to run in the model dtype'
+    if not isinstance(autocast_dtype, torch.dtype):
+        raise TypeError(
+            f'autocast_dtype must be a torch.dtype or None, got {autocast_dtype!r} ({type(autocast_dtype).__name__}); '
+            f'{fix}.'
+        )
+    if not autocast_dtype.is_floating_point:
+        raise ValueError(f'autocast_dtype must be a floating-point torch.dtype, got {autocast_dtype}; {fix}.')
+
+
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every module in eval mode and restore each module's own previous mode afterwards, even on error."""
@@ -176,9 +195,12 @@ def class_means(
         rank should iterate over its own shard; every rank gets the same result.
 
     Raises:
-        ValueError: on labels out of range or not (B,) integers, or an unrecognised batch format.
+        TypeError: if ``loader`` is not iterable or ``autocast_dtype`` is neither a ``torch.dtype`` nor None.
+        ValueError: on labels out of range or not (B,) integers, an unrecognised batch format, or a non-floating
+            ``autocast_dtype``.
     """
     model = _unwrap(model)
+    _check_loader_and_dtype(loader, autocast_dtype)
     sums, counts = _feature_sums(
         model, loader, device=device, autocast_dtype=autocast_dtype, progress=progress, desc='class means'
     )
@@ -229,7 +251,9 @@ def init_centroids(
         (K,) long CPU tensor, the number of samples per class (also stored as ``model.head.class_counts``).
 
     Raises:
-        ValueError: on labels out of range, an empty loader, or classes without samples with ``missing='error'``.
+        TypeError: if ``loader`` is not iterable or ``autocast_dtype`` is neither a ``torch.dtype`` nor None.
+        ValueError: on labels out of range, an empty loader, classes without samples with ``missing='error'``, or a
+            non-floating ``autocast_dtype``.
 
     Example:
         >>> counts = timm_oltr.init_centroids(model, train_loader_eval_transform)  # doctest: +SKIP
@@ -239,6 +263,7 @@ def init_centroids(
     if inputs not in ('images', 'backbone_features'):
         raise ValueError(f"inputs must be 'images' or 'backbone_features', got {inputs!r}.")
     model = _unwrap(model)
+    _check_loader_and_dtype(loader, autocast_dtype)
     sums, counts = _feature_sums(
         model,
         loader,
@@ -283,9 +308,11 @@ def centroid_drift(
         ``CentroidDrift(distance (K,), relative (K,), counts (K,))``; classes absent from the loader report 0.
 
     Raises:
+        TypeError: if ``loader`` is not iterable or ``autocast_dtype`` is neither a ``torch.dtype`` nor None.
         RuntimeError: if the centroids were never initialised.
     """
     model = _unwrap(model)
+    _check_loader_and_dtype(loader, autocast_dtype)
     if not bool(model.head.initialized):
         raise RuntimeError('the centroids were never initialised; call `timm_oltr.init_centroids(model, loader)`.')
     means, counts = class_means(model, loader, device=device, autocast_dtype=autocast_dtype, progress=progress)

@@ -16,18 +16,22 @@ Nothing is ever unpickled: weights come from safetensors, or from a `pytorch_mod
 `torch.load(weights_only=True)`.
 
 Every file is written to a temporary file in the target folder and moved into place with `os.replace`, so a killed
-process leaves either the old file or the new one, never half a file.
+process leaves either the old file or the new one, never half a file. The files get the permissions any new file
+gets (0o666 less the umask), so a checkpoint on a shared machine is as readable as the rest of the run.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import re
+import secrets
+import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +110,29 @@ def save_pretrained(
 
     Returns:
         The folder's path.
+
+    Raises:
+        TypeError: if `model` is not an `OLTRModel` or `save_directory` is not a path.
+        FileExistsError: if `save_directory`, or a folder above it, is an existing file.
+        ValueError: on an unknown `safe_serialization` or `shot_rule`.
     """
     model = _unwrap(model)
     if safe_serialization not in (True, False, 'both'):
         raise ValueError(f"safe_serialization={safe_serialization!r} must be True, False or 'both'.")
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(
+            f'save_directory must be a folder path (str or os.PathLike), got {save_directory!r} '
+            f'({type(save_directory).__name__}).'
+        )
     folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise FileExistsError(
+            f'save_directory={os.fspath(save_directory)!r} cannot be used as a folder: it or a folder above it is an '
+            f'existing file. save_pretrained writes a folder ({WEIGHTS_NAME}, {CONFIG_NAME}, {CARD_NAME}); pass the '
+            'path of a new or existing folder.'
+        ) from e
 
     if report is None and (folder / METRICS_NAME).is_file():
         report = _read_json(folder / METRICS_NAME)
@@ -130,19 +151,16 @@ def save_pretrained(
     pending: list[tuple[str, Path]] = []
     try:
         if safe_serialization in (True, 'both'):
-            tmp = _temp_path(folder, WEIGHTS_NAME)
-            pending.append((tmp, folder / WEIGHTS_NAME))
-            safetensors.torch.save_file(state_dict, tmp, metadata={'format': 'pt'})
-            _fsync(tmp)
+            write = functools.partial(safetensors.torch.save_file, state_dict, metadata={'format': 'pt'})
+            pending.append((_write_temp(folder, WEIGHTS_NAME, write), folder / WEIGHTS_NAME))
         if safe_serialization in (False, 'both'):
-            tmp = _temp_path(folder, PICKLE_WEIGHTS_NAME)
-            pending.append((tmp, folder / PICKLE_WEIGHTS_NAME))
-            torch.save(state_dict, tmp)
-            _fsync(tmp)
+            write = functools.partial(torch.save, state_dict)
+            pending.append((_write_temp(folder, PICKLE_WEIGHTS_NAME, write), folder / PICKLE_WEIGHTS_NAME))
         if model_card:
             card = _model_card(config, report, repo_id=repo_id, license=license, datasets=datasets)
-            pending.append((_write_temp(folder, CARD_NAME, str(card)), folder / CARD_NAME))
-        pending.append((_write_temp(folder, CONFIG_NAME, json.dumps(config, indent=2) + '\n'), folder / CONFIG_NAME))
+            pending.append((_write_temp(folder, CARD_NAME, _text_writer(str(card))), folder / CARD_NAME))
+        text = json.dumps(config, indent=2) + '\n'
+        pending.append((_write_temp(folder, CONFIG_NAME, _text_writer(text)), folder / CONFIG_NAME))
     except BaseException:
         for tmp, _ in pending:
             Path(tmp).unlink(missing_ok=True)
@@ -236,18 +254,48 @@ def _versions() -> dict[str, str]:
 
 
 def _temp_path(folder: Path, name: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder)
-    os.close(fd)
-    return tmp
+    """A new empty file in `folder` with the mode `open(path, 'w')` would give it (0o666 less the umask).
+
+    NOTE: not `tempfile.mkstemp`, whose files are 0o600: `os.replace` keeps the mode, so the checkpoint would be
+    unreadable to other users of a shared machine.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0)
+    for _ in range(100):
+        tmp = folder / f'.{name}.{secrets.token_hex(8)}.tmp'
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(tmp)
+    raise FileExistsError(f'could not create a temporary file for {name} in {folder}: every name tried exists.')
 
 
-def _write_temp(folder: Path, name: str, text: str) -> str:
+def _write_temp(folder: Path, name: str, write: Callable[[str], None]) -> str:
+    """Write the file `name` to a new temporary file in `folder` with `write(path)`, fsync it, return its path.
+
+    The file keeps the mode it was created with (0o666 less the umask) whatever `write` does; on any error it is
+    removed again.
+    """
     tmp = _temp_path(folder, name)
-    with open(tmp, 'w', encoding='utf-8', newline='\n') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
+    try:
+        write(tmp)
+        # NOTE: safetensors replaces the file with one of its own, created 0o600; give it the normal mode back
+        os.chmod(tmp, mode)
+        _fsync(tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return tmp
+
+
+def _text_writer(text: str) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, 'w', encoding='utf-8', newline='\n') as f:
+            f.write(text)
+
+    return write
 
 
 def _fsync(path: str) -> None:
@@ -488,6 +536,11 @@ def from_pretrained(
 
     Returns:
         The model in eval mode, in the dtype the weights were saved in.
+
+    Raises:
+        TypeError: if `name_or_path` is not a str or os.PathLike.
+        FileNotFoundError: if the folder, repo, revision or a checkpoint file does not exist or cannot be reached.
+        ValueError: if the files are not a valid checkpoint or do not match each other.
     """
     folder, source = _resolve(name_or_path, revision, cache_dir, token, local_files_only)
     config = _read_json(folder / CONFIG_NAME)
@@ -519,9 +572,12 @@ def _resolve(
     local_files_only: bool,
 ) -> tuple[Path, str]:
     """A local folder holding the checkpoint files (the Hub cache's snapshot folder for a repo id)."""
-    name = os.fspath(name_or_path)
+    name = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
     if not isinstance(name, str):
-        raise TypeError(f'name_or_path must be a str or path, got {type(name_or_path).__name__}.')
+        raise TypeError(
+            f'name_or_path must be a str or os.PathLike, got {name_or_path!r} ({type(name_or_path).__name__}); pass '
+            "a folder written by save_pretrained, a Hub repo id 'user/repo' or 'hf-hub:user/repo[@revision]'."
+        )
     if name.startswith('local-dir:'):
         name = name[len('local-dir:') :]
         if not os.path.isdir(name):

@@ -19,7 +19,9 @@ matrix product.
 """
 
 import logging
-from typing import Literal, NamedTuple
+import math
+import numbers
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -74,6 +76,25 @@ class OLTRLossBreakdown(NamedTuple):
     repel_active: torch.Tensor
 
 
+def _check_number(
+    name: str, value: Any, *, minimum: float, above: bool = False, below: float = math.inf, hint: str
+) -> float:
+    """``value`` as a float after checking that it is a finite real number in ``[minimum, below)``.
+
+    ``above=True`` excludes ``minimum`` itself. Raises TypeError for a non-number (bool included) and ValueError for
+    NaN, inf or a value out of range, naming ``name``, the value, the expected range and ``hint`` (how to fix).
+    """
+    low = f'> {minimum:g}' if above else f'>= {minimum:g}'
+    expected = low if below == math.inf else f'in {"(" if above else "["}{minimum:g}, {below:g})'
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{name} must be a real number {expected}, got {value!r} ({type(value).__name__}); {hint}.')
+    if not math.isfinite(value):
+        raise ValueError(f'{name} must be a finite number {expected}, got {value!r}; {hint}.')
+    if value < minimum or (above and value == minimum) or value >= below:
+        raise ValueError(f'{name} must be {expected}, got {value!r}; {hint}.')
+    return float(value)
+
+
 def _check_inputs(features: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor) -> None:
     if not isinstance(features, torch.Tensor) or features.ndim != 2:
         shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
@@ -106,6 +127,14 @@ def _check_inputs(features: torch.Tensor, centroids: torch.Tensor, targets: torc
             raise ValueError(f'soft targets of shape (B, K) must be floating point, got dtype {targets.dtype}.')
         if tuple(targets.shape) != (B, K):
             raise ValueError(f'soft targets must have shape (B, K) = {(B, K)}, got {tuple(targets.shape)}.')
+        finite = torch.isfinite(targets)
+        if not bool(finite.all()):
+            rows = (~finite).any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(
+                f'targets must be finite soft targets, got NaN or inf in rows {rows[:10]}'
+                + (f' ({len(rows)} rows in all)' if len(rows) > 10 else '')
+                + '; check the mixup / cutmix / label smoothing step (or the data) that produced them.'
+            )
         row_sums = targets.float().sum(dim=1)
         if B and bool(((row_sums - 1).abs() > _SOFT_TARGET_ATOL).any() | (targets < 0).any()):
             raise ValueError(
@@ -195,6 +224,11 @@ class DiscriminativeCentroidLoss(nn.Module):
         form: ``'official'`` or ``'paper'``, see above.
         centroid_grad: ``'official'``, ``'autograd'``, or None for the form's default.
 
+    Raises:
+        TypeError: if ``margin`` or ``repel_weight`` is not a real number.
+        ValueError: on an unknown ``form`` or ``centroid_grad``, or a ``margin`` or ``repel_weight`` that is NaN,
+            inf or negative.
+
     Example:
         >>> loss_fn = DiscriminativeCentroidLoss()
         >>> loss = loss_fn(torch.randn(8, 16), torch.randn(5, 16, requires_grad=True), torch.randint(5, (8,)))
@@ -220,12 +254,10 @@ class DiscriminativeCentroidLoss(nn.Module):
                 "centroid_grad='official' is the update rule of the official form's attraction term; "
                 "use centroid_grad='autograd' (or None) with form='paper'."
             )
-        if not margin >= 0:
-            raise ValueError(f'margin must be >= 0, got {margin}.')
-        if not repel_weight >= 0:
-            raise ValueError(f'repel_weight must be >= 0, got {repel_weight}.')
-        self.margin = float(margin)
-        self.repel_weight = float(repel_weight)
+        self.margin = _check_number('margin', margin, minimum=0.0, hint='the official form uses 10.0')
+        self.repel_weight = _check_number(
+            'repel_weight', repel_weight, minimum=0.0, hint='the official value is 0.01; 0 turns the repulsion off'
+        )
         self.form = form
         self.centroid_grad = centroid_grad
 
@@ -250,7 +282,8 @@ class DiscriminativeCentroidLoss(nn.Module):
             () the loss.
 
         Raises:
-            ValueError: on wrong shapes, labels out of range, or soft targets that are not distributions.
+            ValueError: on wrong shapes, labels out of range, soft targets that are not finite distributions, or a
+                ``loss_weight`` that is not a finite number > 0.
         """
         return self.breakdown(features, centroids, targets, loss_weight=loss_weight).loss
 
@@ -264,8 +297,13 @@ class DiscriminativeCentroidLoss(nn.Module):
     ) -> CentroidLossBreakdown:
         """Compute the loss and its components, for logging. Arguments as in ``forward``."""
         _check_inputs(features, centroids, targets)
-        if not loss_weight > 0:
-            raise ValueError(f'loss_weight must be > 0, got {loss_weight}.')
+        loss_weight = _check_number(
+            'loss_weight',
+            loss_weight,
+            minimum=0.0,
+            above=True,
+            hint='pass the factor this loss is multiplied by (e.g. OLTRLoss.centroid_weight), or 1.0',
+        )
         B, K = features.shape[0], centroids.shape[0]
         if B == 0:
             zero = features.float().sum() * 0 + centroids.float().sum() * 0
@@ -349,6 +387,10 @@ class OLTRLoss(nn.Module):
         label_smoothing: label smoothing of the cross-entropy (0 in the official recipe).
         centroid_loss: the centroid loss; default ``DiscriminativeCentroidLoss()`` (official form and rule).
 
+    Raises:
+        TypeError: if ``centroid_weight`` or ``label_smoothing`` is not a real number.
+        ValueError: if ``centroid_weight`` is NaN, inf or negative, or ``label_smoothing`` is not in [0, 1).
+
     Example:
         >>> criterion = OLTRLoss(centroid_weight=0.01)
         >>> out = model.forward_oltr(images)  # doctest: +SKIP
@@ -363,12 +405,12 @@ class OLTRLoss(nn.Module):
         centroid_loss: DiscriminativeCentroidLoss | None = None,
     ) -> None:
         super().__init__()
-        if not centroid_weight >= 0:
-            raise ValueError(f'centroid_weight must be >= 0, got {centroid_weight}.')
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}.')
-        self.centroid_weight = float(centroid_weight)
-        self.label_smoothing = float(label_smoothing)
+        self.centroid_weight = _check_number(
+            'centroid_weight', centroid_weight, minimum=0.0, hint='the official value is 0.01; 0 trains with CE only'
+        )
+        self.label_smoothing = _check_number(
+            'label_smoothing', label_smoothing, minimum=0.0, below=1.0, hint='0 (the official recipe) turns it off'
+        )
         self.centroid_loss = centroid_loss if centroid_loss is not None else DiscriminativeCentroidLoss()
 
     def forward(self, out: OLTROutput, targets: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -383,13 +425,20 @@ class OLTRLoss(nn.Module):
             () the total loss.
 
         Raises:
+            TypeError: if ``out`` is not an ``OLTROutput`` (e.g. plain logits) or ``model`` is not an OLTR model.
             RuntimeError: if the model is training and its centroids were never initialised.
-            ValueError: on mismatched shapes or invalid targets.
+            ValueError: on mismatched shapes or invalid targets (labels out of range, soft targets that are not
+                finite distributions).
         """
         return self.breakdown(out, targets, model).loss
 
     def breakdown(self, out: OLTROutput, targets: torch.Tensor, model: nn.Module) -> OLTRLossBreakdown:
         """Compute the total loss and its components. Arguments as in ``forward``."""
+        if not (hasattr(out, 'logits') and hasattr(out, 'features')):
+            raise TypeError(
+                f'out must be the OLTROutput of model.forward_oltr(x), got {type(out).__name__}; model(x) returns '
+                'only the logits, while the loss also needs the features: pass out = model.forward_oltr(x).'
+            )
         model = _unwrap(model)
         head = model.head
         if model.training and not head.is_initialized:
