@@ -564,15 +564,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f'--repeats must be at least 1, got {args.repeats}.')
 
     # NOTE: the loaders hold a few random images, so most classes are expected to get no centroid
-    logging.getLogger('timm_oltr').setLevel(logging.ERROR)
-    torch.manual_seed(args.seed)
-    result = run(args)
+    library_logger = logging.getLogger('timm_oltr')
+    level = library_logger.level
+    library_logger.setLevel(logging.ERROR)
+    try:
+        torch.manual_seed(args.seed)
+        result = run(args)
+    finally:
+        library_logger.setLevel(level)
     print(table(result))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        with open(args.json, 'w') as f:
+        tmp = f'{args.json}.tmp'
+        with open(tmp, 'w') as f:
             f.write(text + '\n')
+        os.replace(tmp, args.json)
     return 0
 
 
