@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument('--test-per-class', type=int, default=300, help='Fashion-MNIST-LT test images per class')
 
     group = parser.add_argument_group('training')
-    group.add_argument('--epochs', type=int, nargs=2, default=[4, 6], metavar=('STAGE1', 'STAGE2'))
+    group.add_argument('--epochs', type=int, nargs=2, default=[7, 6], metavar=('STAGE1', 'STAGE2'))
     group.add_argument('--batch-size', type=int, default=64)
     group.add_argument('--lr', type=float, nargs=2, default=[0.02, 0.005], metavar=('STAGE1', 'STAGE2'))
     group.add_argument('--head-lr', type=float, default=0.05, help='stage-2 lr of the meta-embedding head')
