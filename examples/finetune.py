@@ -651,25 +651,17 @@ def evaluate_model(model: nn.Module, data: Any, args: argparse.Namespace, run: R
 
 
 def write_plots(report: Any, output: Path) -> list[str]:
-    try:
-        from timm_oltr import plots
-    except ImportError:
-        return []
+    """The report's figures as PNG files; a figure the data cannot support (no unknowns, say) is skipped."""
+    from timm_oltr import plots
+
     written = []
-    for name, fn in (('per_class_accuracy', plots.per_class_accuracy), ('open_set_roc', plots.open_set_roc)):
-        path = output / f'{name}.png'
+    for fn in (plots.per_class_accuracy, plots.open_set_roc, plots.f_measure_curve):
+        path = output / f'{fn.__name__}.png'
         try:
             fn(report, path=path)
             written.append(path.name)
         except (ImportError, ValueError) as e:
-            _logger.warning('plot %s skipped: %s', name, e)
-    if report.num_unknown:
-        fn = plots.f_measure_curve
-        try:
-            fn(report, path=output / 'f_measure_curve.png')
-            written.append('f_measure_curve.png')
-        except (ImportError, ValueError) as e:
-            _logger.warning('plot f_measure_curve skipped: %s', e)
+            _logger.warning('plot %s skipped: %s', fn.__name__, e)
     return written
 
 
