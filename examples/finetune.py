@@ -314,6 +314,9 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def atomic_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f'.{path.name}.tmp')
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its files private; checkpoints here are shared like the rest
     os.replace(tmp, path)
 
 
@@ -737,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         atomic_json(metrics, output / 'metrics.json')
         atomic_folder(output / 'model', lambda folder: model.save_pretrained(folder, report=metrics))
-        for name in ('stage1_last.pt', 'stage2_last.pt'):
+        # the finished run keeps the best weights in stage1/ and model/; the resume files go
+        for name in ('stage1_last.pt', 'stage2_last.pt', 'stage1_best.safetensors', 'stage2_best.safetensors'):
             (output / name).unlink(missing_ok=True)
         latest = output.parent / 'latest'
         if output.parent == Path('runs') or latest.is_symlink():

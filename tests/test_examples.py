@@ -64,7 +64,11 @@ def test_finetune_writes_every_output(finished_run):
     assert f'| plain timm model | {top1["plain"]} |' in card and f'| OLTR | {top1["oltr"]} |' in card
     for name in metrics['plots']:
         assert (output / name).stat().st_size > 1000
-    assert not list(output.glob('.*.tmp')) and not (output / 'stage2_last.pt').exists()
+    assert not list(output.glob('.*.tmp')) and not list(output.glob('stage?_*'))
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (output / 'model').iterdir():  # as shareable as any file the user writes, not private
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
     assert 'few-shot acc' in result.stdout and 'AUROC' in result.stdout
 
 
