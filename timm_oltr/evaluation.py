@@ -571,10 +571,6 @@ def evaluate(
     threshold = _resolve_threshold(score, threshold, default_score, default_threshold)
     if train_counts is None and is_oltr:
         train_counts = _model_train_counts(module)
-    if device is None:
-        device = next(iter(module.parameters()), torch.empty(0)).device
-    device = torch.device(device)
-
     predictions, top5, scores, labels, num_classes = _collect(
         module,
         loader,
@@ -613,12 +609,15 @@ def _collect(
     kinds: tuple[str, ...],
     *,
     is_oltr: bool,
-    device: torch.device,
+    device: torch.device | str | None,
     autocast_dtype: torch.dtype | None,
     split: str,
     progress: bool,
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray], np.ndarray, int]:
     """One pass in eval mode: predictions, top-5, open-set scores of each kind, labels (-1 unknown), K."""
+    if device is None:
+        device = next(iter(module.parameters()), torch.empty(0)).device
+    device = torch.device(device)
     modes = {m: m.training for m in module.modules()}
     module.eval()
     outputs: dict[str, list[np.ndarray]] = {'predictions': [], 'top5': [], 'labels': []}
@@ -744,8 +743,6 @@ def calibrate_threshold(
         score = _model_defaults(module, is_oltr)[0]
     elif score != 'auto':
         _check_choice('score', score, available)
-    if device is None:
-        device = next(iter(module.parameters()), torch.empty(0)).device
     kinds = available if score == 'auto' else (score,)
     predictions, _, scores, labels, _ = _collect(
         module,
@@ -753,7 +750,7 @@ def calibrate_threshold(
         open_loader,
         kinds,
         is_oltr=is_oltr,
-        device=torch.device(device),
+        device=device,
         autocast_dtype=autocast_dtype,
         split='val',
         progress=progress,

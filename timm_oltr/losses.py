@@ -127,16 +127,17 @@ def _check_inputs(features: torch.Tensor, centroids: torch.Tensor, targets: torc
             raise ValueError(f'soft targets of shape (B, K) must be floating point, got dtype {targets.dtype}.')
         if tuple(targets.shape) != (B, K):
             raise ValueError(f'soft targets must have shape (B, K) = {(B, K)}, got {tuple(targets.shape)}.')
-        finite = torch.isfinite(targets)
-        if not bool(finite.all()):
-            rows = (~finite).any(dim=1).nonzero().flatten().tolist()
-            raise ValueError(
-                f'targets must be finite soft targets, got NaN or inf in rows {rows[:10]}'
-                + (f' ({len(rows)} rows in all)' if len(rows) > 10 else '')
-                + '; check the mixup / cutmix / label smoothing step (or the data) that produced them.'
-            )
+        # one device sync on the training path; the diagnosis below runs only for bad targets
         row_sums = targets.float().sum(dim=1)
-        if B and bool(((row_sums - 1).abs() > _SOFT_TARGET_ATOL).any() | (targets < 0).any()):
+        finite = torch.isfinite(targets)
+        if B and bool(~finite.all() | ((row_sums - 1).abs() > _SOFT_TARGET_ATOL).any() | (targets < 0).any()):
+            if not bool(finite.all()):
+                rows = (~finite).any(dim=1).nonzero().flatten().tolist()
+                raise ValueError(
+                    f'targets must be finite soft targets, got NaN or inf in rows {rows[:10]}'
+                    + (f' ({len(rows)} rows in all)' if len(rows) > 10 else '')
+                    + '; check the mixup / cutmix / label smoothing step (or the data) that produced them.'
+                )
             raise ValueError(
                 'soft targets must be non-negative with rows summing to 1 (mixup / cutmix / label smoothing), '
                 f'got row sums in [{row_sums.min().item():.4g}, {row_sums.max().item():.4g}] '
@@ -156,7 +157,7 @@ def _target_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
 def _squared_distances(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """(B, K) squared Euclidean distances via the expanded form, without a (B, K, E) intermediate."""
     f_sq = features.pow(2).sum(dim=1, keepdim=True)  # (B, 1)
-    c_sq = centroids.pow(2).sum(dim=1)  # (K,)
+    c_sq = torch.linalg.vector_norm(centroids, dim=1).square()  # (K,), no (K, E) temporary
     return f_sq + c_sq - 2.0 * features @ centroids.t()  # (B, K)
 
 
