@@ -133,8 +133,6 @@ class MetaEmbeddingHead(nn.Module):
                 raise ValueError(f'{name}={value!r} must be a positive int.')
         self.config = config or OLTRConfig()
         self.in_features = in_features
-        self.reachability_scale = self.config.reachability_scale
-        self.distance_eps = self.config.distance_eps
         self.selector = nn.Linear(in_features, in_features, device=device, dtype=dtype)
         self._build_class_parts(num_classes, device=device, dtype=dtype)
         self.register_load_state_dict_post_hook(_forget_ready)
@@ -213,8 +211,8 @@ class MetaEmbeddingHead(nn.Module):
                 sq_dist = v.square().sum(1, keepdim=True) - 2 * v @ centroids.t() + centroid_sq
                 nearest = sq_dist.masked_fill(~valid, float('inf')).argmin(dim=1)  # (B,)
             sq_min = (v - centroids[nearest]).square().sum(1)
-            min_distance = sq_min.clamp_min(self.distance_eps**2).sqrt()  # (B,)
-            reachability = self.reachability_scale / min_distance
+            min_distance = sq_min.clamp_min(self.config.distance_eps**2).sqrt()  # (B,)
+            reachability = self.config.reachability_scale / min_distance
 
             memory = hallucinated.float().softmax(dim=1) @ centroids  # (B, E)
             meta = reachability[:, None] * (v + selector.float() * memory)
